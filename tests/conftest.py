@@ -7,36 +7,45 @@ import tempfile
 import pytest
 
 
-def _pool(request, size):
-    from megatron_prune.testing.workers import WorkerPool
+class _LazyPool:
+    """A worker pool started on first use and restarted if an earlier check broke it."""
 
-    pools = request.config._mp_pools
-    pool = pools.get(size)
-    if pool is None or pool.broken:
-        pool = WorkerPool(size, timeout=float(os.environ.get("MP_TEST_TIMEOUT", 600)))
-        pools[size] = pool
-    return pool
+    def __init__(self, size):
+        self.size = size
+        self.world_size = size
+        self._pool = None
+
+    def run(self, fn, *args, **kwargs):
+        from megatron_prune.testing.workers import WorkerPool
+
+        if self._pool is None or self._pool.broken:
+            self._pool = WorkerPool(self.size, timeout=float(os.environ.get("MP_TEST_TIMEOUT", 600)))
+        return self._pool.run(fn, *args, **kwargs)
+
+    def close(self):
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
 
 
-def pytest_configure(config):
-    config._mp_pools = {}
+_POOLS = {2: _LazyPool(2), 4: _LazyPool(4)}
 
 
 def pytest_unconfigure(config):
-    for pool in getattr(config, "_mp_pools", {}).values():
+    for pool in _POOLS.values():
         pool.close()
 
 
-@pytest.fixture
-def pool2(request):
-    """Two gloo CPU workers (reused across tests)."""
-    return _pool(request, 2)
+@pytest.fixture(scope="session")
+def pool2():
+    """Two gloo CPU workers (reused across tests; `.run(fn, *args)` runs fn on every rank)."""
+    return _POOLS[2]
 
 
-@pytest.fixture
-def pool4(request):
+@pytest.fixture(scope="session")
+def pool4():
     """Four gloo CPU workers (reused across tests)."""
-    return _pool(request, 4)
+    return _POOLS[4]
 
 
 @pytest.fixture(scope="session")

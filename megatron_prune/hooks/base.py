@@ -118,23 +118,36 @@ class ForwardHook(ABC):
         is_writer = _get(args, "is_writer")
         if is_writer is None:
             is_writer = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-        if not is_writer:
-            return None
-        tokens = _get(args, "tokens_seen")
-        if tokens is None:
-            counts = [h.get_progress_info().get("tokens_seen") for h in activation_hooks.values()]
-            counts = [c for c in counts if c is not None]
-            tokens = max(counts) if counts else None
-        return write_stage_logs(
-            activations_log_dir,
-            results,
-            {name: type(h).__name__ for name, h in activation_hooks.items()},
-            pp_rank=int(_get(args, "pp_rank", 0)),
-            pp_size=int(_get(args, "pp_size", 1)),
-            model_config=_get(args, "model_config"),
-            parallel_layout=_get(args, "parallel_layout"),
-            tokens_seen=tokens,
-        )
+        path = None
+        if is_writer:
+            tokens = _get(args, "tokens_seen")
+            if tokens is None:
+                counts = [h.get_progress_info().get("tokens_seen") for h in activation_hooks.values()]
+                counts = [c for c in counts if c is not None]
+                tokens = max(counts) if counts else None
+            path = write_stage_logs(
+                activations_log_dir,
+                results,
+                {name: type(h).__name__ for name, h in activation_hooks.items()},
+                pp_rank=int(_get(args, "pp_rank", 0)),
+                pp_size=int(_get(args, "pp_size", 1)),
+                model_config=_get(args, "model_config"),
+                parallel_layout=_get(args, "parallel_layout"),
+                tokens_seen=tokens,
+            )
+        seen = []
+        for h in activation_hooks.values():
+            for klass in type(h).__mro__:
+                if "after_dump" in vars(klass) and klass not in seen:
+                    seen.append(klass)
+        for klass in seen:
+            klass.after_dump(activation_hooks, activations_log_dir, args, bool(is_writer))
+        return path
+
+    @classmethod
+    def after_dump(cls, activation_hooks: dict, activations_log_dir, args, is_writer: bool) -> None:
+        """Extra files a hook family writes beside the logs (called on every rank, once per
+        family, after the logs are written; ``is_writer`` says whether this rank writes)."""
 
     @classmethod
     def save_hook_states(
