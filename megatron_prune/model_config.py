@@ -68,6 +68,7 @@ class ModelConfig:
     moe_layer_freq: Union[int, list] = 1
     moe_router_topk: int = 2
     moe_router_load_balancing_type: str = "none"
+    moe_aux_loss_coeff: float = 0.0
     moe_router_score_function: str = "softmax"
     moe_router_pre_softmax: bool = False
     moe_router_enable_expert_bias: bool = False
@@ -189,6 +190,42 @@ class ModelConfig:
             moe_shared_expert_intermediate_size=get("moe_shared_expert_intermediate_size"),
             moe_grouped_gemm=bool(get("moe_grouped_gemm", False)),
         )
+
+    def to_megatron_args(self) -> "argparse.Namespace":
+        """A Megatron-LM style ``args`` namespace describing this model (for ``common.pt``);
+        :meth:`from_megatron_args` reads it back to an equal config."""
+        import argparse
+
+        args = argparse.Namespace(
+            num_layers=self.num_layers,
+            hidden_size=self.hidden_size,
+            num_attention_heads=self.num_attention_heads,
+            ffn_hidden_size=self.ffn_hidden_size,
+            padded_vocab_size=self.vocab_size,
+            max_position_embeddings=self.max_position_embeddings,
+            seq_length=self.seq_length,
+            normalization=self.normalization,
+            norm_epsilon=self.layernorm_epsilon,
+            swiglu=self.swiglu,
+            add_bias_linear=self.add_bias_linear,
+            add_qkv_bias=self.add_qkv_bias,
+            position_embedding_type=self.position_embedding_type,
+            rotary_base=self.rotary_base,
+            rotary_percent=self.rotary_percent,
+            untie_embeddings_and_output_weights=self.untie_embeddings_and_output_weights,
+            moe_layer_freq=self.moe_layer_freq,
+            moe_router_topk=self.moe_router_topk,
+            moe_router_load_balancing_type=self.moe_router_load_balancing_type,
+            moe_router_score_function=self.moe_router_score_function,
+            moe_router_pre_softmax=self.moe_router_pre_softmax,
+            moe_router_enable_expert_bias=self.moe_router_enable_expert_bias,
+            moe_router_num_groups=self.moe_router_num_groups,
+            moe_router_group_topk=self.moe_router_group_topk,
+            moe_router_topk_scaling_factor=self.moe_router_topk_scaling_factor,
+            moe_shared_expert_intermediate_size=self.moe_shared_expert_intermediate_size,
+            moe_grouped_gemm=self.moe_grouped_gemm,
+        )
+        return self.update_megatron_args(args)
 
     def update_megatron_args(self, args: Any) -> Any:
         """Write this config's shape fields into a Megatron-LM args namespace (in place)."""

@@ -117,7 +117,7 @@ def transformer_config(cfg: ModelConfig, layout: ParallelLayout, dtype: torch.dt
             moe_shared_expert_intermediate_size=cfg.moe_shared_expert_intermediate_size,
             moe_grouped_gemm=cfg.moe_grouped_gemm,
             moe_token_dispatcher_type=cfg.moe_token_dispatcher_type,
-            moe_aux_loss_coeff=0.0,
+            moe_aux_loss_coeff=cfg.moe_aux_loss_coeff,
         )
         if cfg.moe_router_enable_expert_bias:
             kwargs["moe_router_bias_update_rate"] = 0.0
