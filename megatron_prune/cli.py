@@ -19,7 +19,7 @@ __all__ = ["main", "COMMANDS"]
 
 #: command name -> (module, one-line help)
 COMMANDS = {
-    "demo": ("megatron_prune.demo", "score a tiny Megatron GPT on CPU and print its channel ranking"),
+    "demo": ("megatron_prune.demo", "train, score, prune and evaluate a tiny MoE GPT on CPU (no downloads)"),
     "plan": ("megatron_prune.convert.plan_cli", "turn activation logs and targets into a mask file"),
     "convert": ("megatron_prune.convert.cli", "apply a mask file to a torch_dist checkpoint"),
     "score": ("megatron_prune.scoring.cli", "score a checkpoint (run under torchrun)"),

@@ -90,23 +90,34 @@ class WorkerPool:
     def __init__(self, world_size: int, timeout: float = 600.0, threads: int = 1):
         self.world_size = world_size
         self.timeout = timeout
+        for attempt in range(3):
+            self._start(threads)
+            try:
+                self._collect("start-up")
+                return
+            except WorkerError as exc:
+                # another process may take the chosen port between probing and binding
+                if "EADDRINUSE" not in str(exc) or attempt == 2:
+                    raise
+                self.close(force=True)
+
+    def _start(self, threads: int) -> None:
         ctx = mp.get_context("spawn")
-        self._tasks = [ctx.Queue() for _ in range(world_size)]
+        self._tasks = [ctx.Queue() for _ in range(self.world_size)]
         self._results = ctx.Queue()
         port = _free_port()
         self._procs = [
             ctx.Process(
                 target=_worker_main,
-                args=(r, world_size, port, self._tasks[r], self._results, threads),
+                args=(r, self.world_size, port, self._tasks[r], self._results, threads),
                 daemon=False,  # checkpoint saving starts a multiprocessing manager
             )
-            for r in range(world_size)
+            for r in range(self.world_size)
         ]
         for p in self._procs:
             p.start()
         atexit.register(self.close, force=True)
         self.broken = False
-        self._collect("start-up")
 
     def _collect(self, what: str) -> list:
         out: dict[int, Any] = {}
