@@ -37,6 +37,7 @@ __all__ = [
     "SPARSITY_PREFIX",
     "pack_bits",
     "unpack_bits",
+    "unpack_bits_range",
     "mask_kind",
     "save_masks",
     "load_masks",
@@ -77,6 +78,16 @@ def unpack_bits(packed: torch.Tensor, shape) -> torch.Tensor:
         )
     bits = (packed.to(torch.int32)[:, None] & _BIT_WEIGHTS) != 0
     return bits.reshape(-1)[:numel].reshape(shape)
+
+
+def unpack_bits_range(packed: torch.Tensor, start: int, count: int) -> torch.Tensor:
+    """Elements ``[start, start + count)`` of the flattened mask packed in ``packed`` (bool [count])."""
+    lo, hi = start // 8, (start + count + 7) // 8
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or hi > packed.numel():
+        raise UserError(f"packed mask of {packed.numel()} bytes has no elements [{start}, {start + count})")
+    bits = (packed[lo:hi].to(torch.int32)[:, None] & _BIT_WEIGHTS) != 0
+    off = start - 8 * lo
+    return bits.reshape(-1)[off:off + count]
 
 
 def mask_kind(key: str) -> tuple[str, int]:

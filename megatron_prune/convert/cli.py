@@ -10,6 +10,7 @@ run leaves nothing at DST; SRC is only read. Optimizer and RNG state are not car
 from __future__ import annotations
 
 import copy
+import math
 import os
 import shutil
 import signal
@@ -87,7 +88,7 @@ def convert_checkpoint(plan, loc, out_iter: Path, masks: dict, sparsity_shapes: 
 
     from megatron_prune.convert import applier, storage
     from megatron_prune.convert.planner import TensorInfo
-    from megatron_prune.masks import SPARSITY_PREFIX, unpack_bits
+    from megatron_prune.masks import SPARSITY_PREFIX, unpack_bits, unpack_bits_range
 
     out_iter.mkdir(parents=True)
     reader = storage.CheckpointReader(loc.iter_dir)
@@ -100,23 +101,34 @@ def convert_checkpoint(plan, loc, out_iter: Path, masks: dict, sparsity_shapes: 
         total = sum(TensorInfo(t.src_shape, t.dtype).nbytes for t in plan.tensors)
         bar = tqdm(total=total, unit="B", unit_scale=True, desc="convert", file=sys.stderr)
 
-    def produce(key):
+    def keep_mask(item, layer=None):
+        if item.sparsity is None:
+            return None
+        m = masks[item.sparsity]
+        if layer is None:
+            return m if m.dtype == torch.bool else unpack_bits(m, sparsity_shapes[item.sparsity[len(SPARSITY_PREFIX):]])
+        n = math.prod(item.src_shape[1:])
+        return m.reshape(-1)[layer * n:(layer + 1) * n] if m.dtype == torch.bool else unpack_bits_range(m, layer * n, n)
+
+    def produce(key, offsets):
         if key in objects:
             return reader.read_object(objects[key].src_key)
         item = items[key]
-        src = reader.read_tensor(key, TensorInfo(item.src_shape, item.dtype))
-        keep = None
-        if item.sparsity is not None:
-            m = masks[item.sparsity]
-            keep = m if m.dtype == torch.bool else unpack_bits(
-                m, sparsity_shapes[item.sparsity[len(SPARSITY_PREFIX):]])
-        out = applier.apply_item(item, src, keep)
+        info = TensorInfo(item.src_shape, item.dtype)
+        if item.layer_stacked:
+            layer = offsets[0]
+            out = applier.apply_layer(item, layer, reader.read_layer(key, info, layer), keep_mask(item, layer))
+            done = info.nbytes // item.src_shape[0]
+        else:
+            out = applier.apply_item(item, reader.read_tensor(key, info), keep_mask(item))
+            done = info.nbytes
         if bar is not None:
-            bar.update(TensorInfo(item.src_shape, item.dtype).nbytes)
+            bar.update(done)
         return out
 
     try:
-        storage.write_tensors(out_iter, {k: (t.dst_shape, t.dtype) for k, t in items.items()}, objects, produce)
+        storage.write_tensors(out_iter, {k: (t.dst_shape, t.dtype) for k, t in items.items()}, objects, produce,
+                              frozenset(k for k, t in items.items() if t.layer_stacked))
     finally:
         if bar is not None:
             bar.close()
@@ -155,6 +167,20 @@ def verify_output(plan, out_iter: Path) -> None:
     storage.check_data_files(out_iter)
 
 
+def _remove_stale_partials(dst: Path) -> None:
+    """Remove temporary siblings left by conversions that were killed (their process is gone)."""
+    for p in dst.parent.glob(f".{dst.name}.partial-*"):
+        try:
+            os.kill(int(p.name.rsplit("-", 1)[1]), 0)
+            continue  # still running
+        except ProcessLookupError:
+            pass
+        except (ValueError, PermissionError):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        print(f"removed {p.name}, left by an interrupted conversion")
+
+
 def run(args) -> int:
     from megatron_prune.convert import storage
     from megatron_prune.convert.planner import make_plan
@@ -179,6 +205,7 @@ def run(args) -> int:
     cfg = _model_config(args, loc, common)
     plan = make_plan(entries, cfg, masks, sparsity_shapes=shapes, target_tp=args.target_tp,
                      target_ep=args.target_ep, target_etp=args.target_etp)
+    _remove_stale_partials(dst)
     print(f"plan: {len(plan.tensors)} tensors, {len(plan.objects)} extra-state entries; {plan.describe()}")
     tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
     old = dst.parent / f".{dst.name}.old-{os.getpid()}"

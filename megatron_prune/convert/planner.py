@@ -86,6 +86,15 @@ class TensorItem:
     dst_shape: tuple
     ops: tuple = ()
     sparsity: Optional[str] = None  # mask key whose False entries are zeroed before slicing
+    layer_stacked: bool = False  # leading [L] axis: converted and written one layer at a time
+
+    def layer_ops(self, layer: int) -> tuple:
+        """The ops on slice ``layer`` (without the layer axis) of a layer-stacked tensor."""
+        if len(self.ops) == 1 and isinstance(self.ops[0], PerIndex) and self.ops[0].axis == 0:
+            return self.ops[0].parts[layer]
+        if any(o.axis == 0 for o in self.ops):
+            raise ValueError(f"{self.key}: the plan changes the layer axis")
+        return _shift(self.ops, -1)
 
 
 @dataclass(frozen=True)
@@ -232,7 +241,6 @@ _HIDDEN_VECTORS = (
     "pre_mlp_layernorm.weight", "pre_mlp_layernorm.bias",
     "mlp.linear_fc1.layer_norm_weight", "mlp.linear_fc1.layer_norm_bias",
     "self_attention.linear_proj.bias", "mlp.linear_fc2.bias", "mlp.shared_experts.linear_fc2.bias",
-    "mlp.experts.experts.linear_fc2.bias",
 )
 _UNCHANGED = ("self_attention.q_layernorm.weight", "self_attention.q_layernorm.bias",
               "self_attention.k_layernorm.weight", "self_attention.k_layernorm.bias",
@@ -314,9 +322,9 @@ class _Layer:
             return ()
         t = _takes
         if name in _HIDDEN_VECTORS:
-            if name == "mlp.experts.experts.linear_fc2.bias":
-                return t((0, self.experts), (1, self.h))
             return t((0, self.h))
+        if name == "mlp.experts.experts.linear_fc2.bias":
+            return t((0, self.experts), (1, self.h))
         if name == "self_attention.linear_qkv.weight":
             return t((0, self.qkv_rows), (1, self.h))
         if name == "self_attention.linear_qkv.bias":
@@ -403,6 +411,23 @@ def _object_items(key: str, cfg: ModelConfig, keep: KeepSets) -> list:
     return [ObjectItem(f"{module}/shard_{'.'.join(offs)}_{'.'.join(shape)}", key)]
 
 
+_REQUIRED_DENSE = ("self_attention.linear_qkv.weight", "self_attention.linear_proj.weight",
+                   "mlp.linear_fc1.weight", "mlp.linear_fc2.weight")
+_REQUIRED_MOE = ("self_attention.linear_qkv.weight", "self_attention.linear_proj.weight", "mlp.router.weight",
+                 "mlp.experts.experts.linear_fc1.weight", "mlp.experts.experts.linear_fc2.weight")
+
+
+def _check_complete(keys: set, cfg: ModelConfig, layers: list) -> None:
+    """Every layer of ``cfg`` has its weights in the checkpoint (else the config does not match)."""
+    for ly in layers:
+        for name in _REQUIRED_MOE if ly.moe else _REQUIRED_DENSE:
+            if f"decoder.layers.{ly.i}.{name}" not in keys and f"decoder.layers.{name}" not in keys:
+                raise UserError(f"the checkpoint lacks decoder.layers.{ly.i}.{name} that the model config "
+                                f"implies ({cfg.num_layers} layers; config mismatch)")
+    if "embedding.word_embeddings.weight" not in keys:
+        raise UserError("the checkpoint lacks embedding.word_embeddings.weight")
+
+
 def make_plan(entries: dict, cfg: ModelConfig, masks: dict, *, sparsity_shapes: Optional[dict] = None,
               target_tp=None, target_ep=None, target_etp=None) -> ConversionPlan:
     """Plan the conversion of a checkpoint described by ``entries`` (``{key: TensorInfo |
@@ -457,10 +482,12 @@ def make_plan(entries: dict, cfg: ModelConfig, masks: dict, *, sparsity_shapes: 
             if sshape != shape:
                 raise UserError(f"sparsity mask for {key} has shape {list(sshape)}, the tensor {list(shape)}")
         dst = _apply_shape(shape, ops)
-        item = TensorItem(key, info.dtype, shape, dst, ops, sp)
+        stacked = key.startswith("decoder.layers.") and not lm and len(shape) > 1
+        item = TensorItem(key, info.dtype, shape, dst, ops, sp, stacked)
         tensors.append(item)
         before += info.nbytes
         after += TensorInfo(dst, info.dtype).nbytes
+    _check_complete({t.key for t in tensors}, cfg, layers)
     if sparsity_keys:
         raise UserError(f"sparsity mask for {sorted(sparsity_keys)[0]}: no such checkpoint tensor")
     if not tensors:

@@ -258,6 +258,10 @@ class IterativeChannelContributionHook(_StatHook):
         """Sum partial outputs over the layer's input shards (identity here)."""
         return y, y_cur
 
+    def _combine_call(self, contrib: torch.Tensor, num_tokens: int, x: torch.Tensor) -> torch.Tensor:
+        """This call's mean contribution per channel, as added to the accumulator."""
+        return contrib * self._share(x)
+
     def __call__(self, module, args, output) -> None:
         if self.calls >= self.num_iters:
             raise RuntimeError(
@@ -270,9 +274,12 @@ class IterativeChannelContributionHook(_StatHook):
         live = ~self.removed[self.offset : self.offset + self.num_local]
         y, y_cur = self._full_outputs(x2 @ w.T, (x2 * live) @ w.T)
         residual = cm.contribution_residual(y, y_cur, self.calibration_method)
-        contrib = cm.channel_contributions(x2, w, residual, ~live)
+        if x2.shape[0]:
+            contrib = cm.channel_contributions(x2, w, residual, ~live)
+        else:  # an expert no token reached this call contributes nothing
+            contrib = torch.where(~live, torch.full_like(live, float("inf"), dtype=torch.float32), 0.0)
         self.nonfinite |= torch.isnan(contrib).any()
-        self.agg += contrib.to(_F64) * self._share(x)
+        self.agg += self._combine_call(contrib.to(_F64), x2.shape[0], x)
         k = self.schedule[self.calls]
         self.calls += 1
         self.tokens += x2.shape[0]

@@ -46,6 +46,8 @@ def seq_abs_sum(x: torch.Tensor, compute_dtype=torch.float32) -> torch.Tensor:
 def l2_norm_update(x: torch.Tensor, compute_dtype=torch.float32) -> torch.Tensor:
     """One call's L2-norm statistic ``Σ_b (mean_s |x|)²``: ``[s, b, h] -> [h]``."""
     x = as_sbh(x)
+    if x.shape[0] == 0:  # e.g. an expert no token was routed to in this call
+        return torch.zeros(x.shape[-1], dtype=compute_dtype, device=x.device)
     return (seq_abs_sum(x, compute_dtype) / x.shape[0]).square().sum(dim=0)
 
 

@@ -19,8 +19,9 @@ Rows sharded along the input dimension over a group (a row-parallel ``linear_fc2
 expert-TP, rank ``i`` holding global columns ``[i·C, (i+1)·C)``) are handled by
 :func:`distributed_row_prune_mask`: an exact k-th value search per row, bisecting on the bit
 pattern of the float64 importance with one all-reduce of per-row counts per step (63 steps,
-no data-dependent loop, no host synchronisation), then a tie split by global column order with
-one all-gather of per-row tie counts. Only ``[rows]``-sized integer tensors cross ranks.
+no data-dependent loop, one host synchronisation: the input validity check), then a tie split by
+global column order with one all-gather of per-row tie counts. Only ``[rows]``-sized integer
+tensors cross ranks.
 """
 
 from __future__ import annotations
@@ -99,6 +100,8 @@ def unstructured_prune_mask(importance: torch.Tensor, k: int) -> torch.Tensor:
 
     ``[rows, C] -> bool [rows, C]``.
     """
+    if importance.dim() != 2:
+        raise ValueError(f"expected importance [rows, C], got shape {tuple(importance.shape)}")
     rows, cols = importance.shape
     if not 0 <= k <= cols:
         raise ValueError(f"cannot prune {k} of {cols} weights per row")
@@ -135,12 +138,20 @@ def distributed_row_prune_mask(importance_local: torch.Tensor, k: int, group=Non
     """
     import torch.distributed as dist
 
-    imp = importance_local.to(torch.float64)
+    imp = importance_local.to(torch.float64) + 0.0  # -0.0 -> +0.0
+    if imp.dim() != 2:
+        raise ValueError(f"expected importance [rows, C], got shape {tuple(imp.shape)}")
     rows, cols = imp.shape
     world = dist.get_world_size(group) if _group_active(group) else 1
     rank = dist.get_rank(group) if _group_active(group) else 0
     if not 0 <= k <= cols * world:
         raise ValueError(f"cannot prune {k} of {cols * world} weights per row")
+    # the bit-pattern search orders non-negative finite values only (NaN would silently prune < k);
+    # the check is reduced over the group so that every rank raises, none waits in a collective
+    bad = (~((imp >= 0) & torch.isfinite(imp))).sum().reshape(1)
+    if bool(_all_reduce_sum_(bad, group)[0]):
+        raise ValueError("distributed_row_prune_mask needs non-negative finite importance on every rank "
+                         "(NaN, inf or negative values given)")
     bits = imp.contiguous().view(torch.int64)  # monotone in value for non-negative floats
     device = imp.device
     # smallest T per row with count(bits <= T) >= k; invariant count(<= lo) < k <= count(<= hi)

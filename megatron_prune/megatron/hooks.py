@@ -13,7 +13,11 @@ the parallel seams from the module itself and its groups:
 
 A per-call mean over a call's tokens is accumulated as ``local_mean / token_shards``; summing
 over the shards gives the global call's mean exactly, since Megatron's micro-batches give every
-shard the same number of tokens.
+shard the same number of tokens. Expert linears are the exception: data-parallel replicas of an
+expert receive different numbers of routed tokens, so for them each call's ``(Σ, count)`` pair
+is buffered (``[calls, C]``, not activations) and summed over the expert data-parallel group
+every ``flush_every`` calls and when read; the per-call means are formed after that sum. Every
+local expert is called on every forward (also with no tokens), so the buffers stay aligned.
 
 Collective methods (every rank of the module's TP and DP groups must call them, in the same
 order): ``accumulate``, ``to_dict``, ``state_dict`` (returns global, layout-independent state),
@@ -98,7 +102,28 @@ class _Parallel:
             Reduction("sum", "tp") if self._tokens_sharded else Reduction("none", "tp")
         )
         self._steps = {"tokens": (dp_sum, tp_step)}
+        # routed-token counts differ between data-parallel replicas of an expert
+        self._ragged = expert and self._dp_size > 1
+        self._replicated_steps = (tp_step,)  # a statistic already summed over DP
+        self._flush_every = int(kwargs.get("flush_every", 64))
+        self._calls_pending: list[tuple[torch.Tensor, int]] = []
         return kwargs
+
+    def _ragged_add(self, local_sum: torch.Tensor, num_tokens: int) -> bool:
+        """Buffer one call's per-channel sum and token count; True when it is time to flush."""
+        self._calls_pending.append((local_sum, num_tokens))
+        return len(self._calls_pending) >= self._flush_every
+
+    def _ragged_means(self) -> Optional[torch.Tensor]:
+        """Collective over DP: the buffered calls' global per-call means ``[calls, C]`` (float64)."""
+        if not self._calls_pending:
+            return None
+        sums = torch.stack([s for s, _ in self._calls_pending]).to(torch.float64)
+        counts = torch.tensor([float(n) for _, n in self._calls_pending], dtype=torch.float64, device=sums.device)
+        both = all_reduce_sum(torch.cat([sums, counts[:, None]], dim=1), self._groups.dp)
+        self._calls_pending = []
+        total = both[:, -1:]
+        return torch.where(total > 0, both[:, :-1] / total.clamp_min(1.0), torch.zeros_like(both[:, :-1]))
 
     def _share(self, x: torch.Tensor) -> float:
         return 1.0 / self._token_shards
@@ -117,6 +142,8 @@ def _sp_tokens(module, kwargs: Optional[dict]) -> bool:
     """Whether a column-parallel/norm module's input tokens are sharded by sequence parallelism."""
     if kwargs and kwargs.get("sequence_parallel") is not None:
         return bool(kwargs["sequence_parallel"])
+    if getattr(module, "is_expert", False):  # the token dispatcher hands experts whole tokens
+        return False
     cfg = getattr(module, "config", None)
     if cfg is not None and getattr(cfg, "sequence_parallel", False):
         return True
@@ -141,11 +168,16 @@ class MegatronL2NormHook(_Parallel, L2NormHook):
                          tokens_sharded=not row and _sp_tokens(module, activation_hooks_kwargs))
         if self._tokens_sharded:  # flushed sums are already complete over TP
             self._steps["acc"] = (Reduction("sum", "dp"),)
-        self._flush_every = int(kw.get("flush_every", 64))
+        if self._ragged:  # flushed per-call means are already complete over DP
+            self._steps["acc"] = self._replicated_steps
         self._pending: list[torch.Tensor] = []
         self._pending_seq = 0
 
     def _update(self, x: torch.Tensor) -> None:
+        if self._ragged:  # expert input [tokens, 1, h]: (mean over routed tokens)^2
+            if self._ragged_add(cm.channel_abs_sum(x), x.shape[0] * x.shape[1]):
+                self._flush()
+            return
         if not self._tokens_sharded:
             return L2NormHook._update(self, x)
         self._pending.append(cm.seq_abs_sum(x))
@@ -154,7 +186,13 @@ class MegatronL2NormHook(_Parallel, L2NormHook):
             self._flush()
 
     def _flush(self) -> None:
-        """Collective over TP (sequence-parallel inputs only)."""
+        """Collective over TP (sequence-parallel inputs) or DP (expert inputs)."""
+        if self._ragged:
+            means = self._ragged_means()
+            if means is not None:
+                u = means.square().sum(dim=0)
+                self.acc = u if self.acc is None else self.acc + u
+            return
         if not self._pending:
             return
         sums = all_reduce_sum(torch.stack(self._pending), self._groups.tp)  # [calls, b, h]
@@ -181,7 +219,33 @@ class MegatronIndependentChannelContributionHook(_Parallel, IndependentChannelCo
         self._setup(module, activation_hooks_kwargs, channel_sharded=row,
                     tokens_sharded=not row and _sp_tokens(module, activation_hooks_kwargs))
         self._steps["weight_norm"] = (Reduction("concat", "tp"),) if row else ()
+        if self._ragged:
+            self._steps["agg"] = self._replicated_steps
         IndependentChannelContributionHook.__init__(self, module, activation_hooks_kwargs)
+
+    def __call__(self, module, args, output) -> None:
+        if not self._ragged:
+            return IndependentChannelContributionHook.__call__(self, module, args, output)
+        x = args[0]
+        n = x.numel() // x.shape[-1]
+        if self._ragged_add(cm.channel_abs_sum(x), n):
+            self._flush()
+        self.calls += 1
+        self.tokens += n
+
+    def _flush(self) -> None:
+        """Collective over the expert data-parallel group (expert linears only)."""
+        means = self._ragged_means()
+        if means is not None:
+            self.agg += means.sum(dim=0)
+
+    def _globals(self):
+        self._flush()
+        return IndependentChannelContributionHook._globals(self)
+
+    def state_dict(self) -> dict:
+        self._flush()
+        return IndependentChannelContributionHook.state_dict(self)
 
     def _channels(self, layer) -> int:
         return int(layer.weight.shape[1])
@@ -208,7 +272,21 @@ class MegatronIterativeChannelContributionHook(_Parallel, IterativeChannelContri
                 f"got {type(module).__name__}"
             )
         self._setup(module, activation_hooks_kwargs, channel_sharded=True, tokens_sharded=False)
+        if self._ragged:
+            self._steps["agg"] = self._replicated_steps
         IterativeChannelContributionHook.__init__(self, module, activation_hooks_kwargs)
+
+    def _combine_call(self, contrib, num_tokens, x):
+        if not self._ragged:
+            return contrib * self._share(x)
+        # expert replicas see different token counts: sum over the expert data-parallel group
+        live = torch.isfinite(contrib)
+        part = torch.cat([torch.where(live, contrib * num_tokens, 0.0),
+                          torch.tensor([float(num_tokens)], dtype=contrib.dtype, device=contrib.device)])
+        part = all_reduce_sum(part, self._groups.dp)
+        total = part[-1]
+        mean = torch.where(total > 0, part[:-1] / total.clamp_min(1.0), torch.zeros_like(part[:-1]))
+        return torch.where(live, mean, contrib)
 
     def _global_channels(self, layer) -> int:
         return int(layer.weight.shape[1]) * self._tp_size

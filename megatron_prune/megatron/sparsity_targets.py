@@ -44,7 +44,7 @@ class SparsityTarget:
     expert: Optional[int]  # global expert id, None for dense
     module: torch.nn.Module
     mlp: torch.nn.Module  # the expert (or dense) MLP module owning the linear
-    stat_group: Any  # group statistics are summed over
+    stat_groups: tuple  # groups statistics are summed over, in order
     row_group: Any  # group a row's input columns are sharded over (None: rows whole)
 
     @property
@@ -97,12 +97,13 @@ def find_targets(chunks, include_dense: bool = False, sequence_parallel: bool = 
                 e = ep_rank * module.num_local_experts + j
                 for kind in ("fc1", "fc2"):
                     lin = getattr(expert, f"linear_{kind}")
+                    _check_linear(f"{gname}.local_experts.{e}.linear_{kind}", lin, kind)
                     out.append(
                         SparsityTarget(
                             name=f"{gname}.local_experts.{e}.linear_{kind}",
                             local_name=f"{lname}.local_experts.{j}.linear_{kind}",
                             chunk=c, layer=layer, kind=kind, expert=e, module=lin, mlp=expert,
-                            stat_group=edp, row_group=etp if kind == "fc2" else None,
+                            stat_groups=(edp,), row_group=_row_group(lin, etp) if kind == "fc2" else None,
                         )
                     )
         if not include_dense:
@@ -115,15 +116,37 @@ def find_targets(chunks, include_dense: bool = False, sequence_parallel: bool = 
             layer = int(gname.split("decoder.layers.")[1].split(".")[0])
             for kind in ("fc1", "fc2"):
                 lin = getattr(module, f"linear_{kind}")
+                _check_linear(f"{gname}.linear_{kind}", lin, kind)
                 stat = (dp, tp) if (kind == "fc1" and sequence_parallel) else (dp,)
                 out.append(
                     SparsityTarget(
                         name=f"{gname}.linear_{kind}", local_name=f"{lname}.linear_{kind}",
                         chunk=c, layer=layer, kind=kind, expert=None, module=lin, mlp=module,
-                        stat_group=stat, row_group=tp if kind == "fc2" else None,
+                        stat_groups=stat, row_group=_row_group(lin, tp) if kind == "fc2" else None,
                     )
                 )
     return sorted(out, key=lambda t: t.sort_key)
+
+
+def _check_linear(name: str, lin: torch.nn.Module, kind: str) -> None:
+    """Refuse linears whose sharding or input is not what the selection assumes."""
+    w = getattr(lin, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.dim() != 2:
+        raise NotImplementedError(f"{name}: {type(lin).__name__} has no 2-D weight to sparsify")
+    if kind == "fc1" and hasattr(lin, "layer_norm_weight"):
+        raise NotImplementedError(
+            f"{name}: {type(lin).__name__} fuses the norm into the linear, so its hooked input is "
+            "the un-normalized hidden state; use the local spec for --include-dense"
+        )
+    if getattr(w, "tensor_model_parallel", False):
+        want = 0 if kind == "fc1" else 1
+        if int(getattr(w, "partition_dim", want)) != want:
+            raise NotImplementedError(f"{name}: weight sharded along dim {w.partition_dim}, expected {want}")
+
+
+def _row_group(lin: torch.nn.Module, default):
+    """The group a row-parallel linear's input columns are sharded over (its own, else ``default``)."""
+    return getattr(lin, "tp_group", None) or default
 
 
 def _is_main(replica_id) -> bool:

@@ -169,7 +169,7 @@ def default_kinds(target: str) -> tuple[str, ...]:
 
 # ----------------------------------------------------------------------------- built-in kinds
 _DENSE = "megatron_prune.megatron.hooks"
-_MOE = "megatron_prune.megatron.moe"
+_MOE = "megatron_prune.megatron.moe_hooks"
 _ROW = ("RowParallelLinear", "TERowParallelLinear")
 _NORMS = (
     "RMSNorm", "LayerNorm", "WrappedTorchNorm", "FusedLayerNorm", "MixedFusedLayerNorm",

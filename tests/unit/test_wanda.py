@@ -134,3 +134,127 @@ def test_distributed_selection_pool2_equals_single_process(pool2, k):
     expect = unstructured_prune_mask(_tied_importance(6, 24), k)
     assert torch.equal(got, expect)
     assert (got.sum(dim=1) == k).all()
+
+
+def _dist_select_many_worker(ks, rows, cols):
+    import torch.distributed as dist
+
+    imp = _tied_importance(rows, cols)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    local = imp.chunk(world, dim=1)[rank].contiguous()
+    group = dist.new_group(list(range(world)))
+    return [distributed_row_prune_mask(local, k, group) for k in ks]
+
+
+def test_distributed_selection_pool4_equals_single_process(pool4):
+    """Four shards: ties are split by the exclusive prefix of the lower ranks' tie counts."""
+    ks = [0, 1, 5, 6, 7, 11, 12, 13, 17, 18, 23, 24]
+    per_rank = pool4.run(_dist_select_many_worker, ks, 6, 24)
+    imp = _tied_importance(6, 24)
+    for i, k in enumerate(ks):
+        got = torch.cat([r[i] for r in per_rank], dim=1)
+        assert torch.equal(got, unstructured_prune_mask(imp, k)), k
+        assert (got.sum(dim=1) == k).all(), k
+
+
+def test_distributed_selection_refuses_values_it_cannot_order():
+    imp = torch.rand(3, 8, dtype=torch.float64)
+    for bad in (float("nan"), float("inf"), -1.0):
+        x = imp.clone()
+        x[1, 2] = bad
+        with pytest.raises(ValueError, match="non-negative finite"):
+            distributed_row_prune_mask(x, 3, None)
+    with pytest.raises(ValueError, match="cannot prune 9 of 8"):
+        distributed_row_prune_mask(imp, 9, None)
+    with pytest.raises(ValueError, match="cannot prune 9 of 8"):
+        unstructured_prune_mask(imp, 9)
+    # -0.0 orders as +0.0: ties with 0.0 go by column index, as in the sort
+    z = torch.tensor([[0.0, -0.0, 0.0, 1.0]], dtype=torch.float64)
+    assert distributed_row_prune_mask(z, 2, None).tolist() == [[True, True, False, False]]
+    assert distributed_row_prune_mask(z, 2, None).tolist() == unstructured_prune_mask(z, 2).tolist()
+
+
+def test_pruner_refuses_bad_parameters_with_named_errors():
+    from megatron_prune.sparsify import MoEPruner
+
+    cases = [
+        (dict(prune_type="structured"), "prune_type"),
+        (dict(mode="iterative"), "mode"),
+        (dict(prune_type="semistructured", n=5, m=4), "n:m"),
+        (dict(sparsity_ratio=1.5), "sparsity_ratio"),
+        (dict(sparsity_ratio=-0.1), "sparsity_ratio"),
+        (dict(gate_weighting=True, ungate_fc2=True), "ungate_fc2"),
+        (dict(nsamples=0), "nsamples"),
+        (dict(max_seqlen=0), "max_seqlen"),
+        (dict(batch_size=0), "batch_size"),
+    ]
+    for kwargs, word in cases:
+        with pytest.raises(ValueError, match=word):
+            MoEPruner(**kwargs)
+    p = MoEPruner(nsamples=8, sparsity_ratio=0.25, prune_type="semistructured", n=1, m=4, device="cpu")
+    assert p.params()["nsamples"] == 8 and p.params()["n"] == 1 and p.params()["sparsity_ratio"] == 0.25
+
+
+def test_calibration_tokens_rows_and_windows():
+    from megatron_prune.sparsify import calibration_tokens
+
+    rows = torch.arange(10 * 12).reshape(10, 12)
+    a = calibration_tokens(rows, 4, 8, seed=1)
+    assert a.shape == (4, 8) and a.dtype == torch.int64
+    assert torch.equal(a, calibration_tokens(rows, 4, 8, seed=1))  # seeded
+    assert not torch.equal(a, calibration_tokens(rows, 4, 8, seed=2))
+    starts = (a[:, 0] // 12).tolist()
+    assert len(set(starts)) == 4  # rows drawn without replacement
+    assert torch.equal(a, rows[starts, :8])
+    assert torch.equal(calibration_tokens(rows[:3], 4, 8), rows[:3, :8])  # fewer rows than asked: all
+    docs = [torch.arange(5), torch.arange(100, 140), torch.arange(200, 230)]
+    w = calibration_tokens(docs, 6, 16, seed=3)
+    assert w.shape == (6, 16)
+    for row in w:
+        assert bool((row[1:] - row[:-1] == 1).all())  # one contiguous window of one document
+        assert int(row[0]) >= 100  # the 5-token document is too short to be drawn
+    with pytest.raises(ValueError, match="longer than max_seqlen"):
+        calibration_tokens([torch.arange(5)], 2, 16)
+
+
+def test_input_hook_gate_weighting_and_ungating_on_a_plain_expert():
+    """The hooks on a torch stand-in of a Megatron expert: fc2 input = g * act(fc1 x)."""
+    from megatron_prune.sparsify import GateTap, WandaInputHook
+
+    class Expert(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear_fc1 = torch.nn.Linear(6, 8, bias=False)
+            self.linear_fc2 = torch.nn.Linear(8, 6, bias=False)
+
+        def forward(self, x, per_token_scale):
+            return self.linear_fc2(torch.relu(self.linear_fc1(x)) * per_token_scale[:, None])
+
+    torch.manual_seed(0)
+    ex = Expert()
+    tap = GateTap()
+    ex.register_forward_pre_hook(tap, with_kwargs=True)
+    h1 = WandaInputHook(ex.linear_fc1, tap, gate_weight=True)
+    h2 = WandaInputHook(ex.linear_fc2, tap, ungate=True)
+    h2g = WandaInputHook(ex.linear_fc2)
+    ex.linear_fc1.register_forward_hook(h1)
+    ex.linear_fc2.register_forward_hook(h2)
+    ex.linear_fc2.register_forward_hook(h2g)
+    xs, gs = [torch.randn(5, 6), torch.randn(3, 6)], [torch.rand(5) + 0.1, torch.tensor([0.5, 0.0, 2.0])]
+    with torch.no_grad():
+        for x, g in zip(xs, gs):
+            ex(x, g)
+        x, g = torch.cat(xs).double(), torch.cat(gs).double()
+        act = torch.relu(x @ ex.linear_fc1.weight.double().T)
+    assert torch.allclose(h1.sq_sum, ((g[:, None] * x) ** 2).sum(0))
+    assert float(h1.count) == 8
+    nz = g != 0  # the zero-gate token cannot be ungated: skipped
+    assert torch.allclose(h2.sq_sum, (act[nz] ** 2).sum(0))
+    assert float(h2.count) == 7
+    assert torch.allclose(h2g.sq_sum, ((g[:, None] * act) ** 2).sum(0))
+    state = h1.state_dict()
+    fresh = WandaInputHook(ex.linear_fc1, tap, gate_weight=True)
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.accumulate(), h1.accumulate())
+    with pytest.raises(ValueError):
+        WandaInputHook(ex.linear_fc2).load_state_dict(state)
