@@ -33,6 +33,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from megatron_prune.math.voting import instant_runoff_order
+
 __all__ = [
     "RoutingSpec",
     "MoeModelAttrs",
@@ -290,23 +292,7 @@ def instant_runoff(ballots: torch.Tensor, num_experts: int, topk: int) -> torch.
     eliminated ids ``[E]`` int64, least important first (the last one is the winner).
     Runs on the ballots' device; one host read per round (never called inside a hook).
     """
-    alive = torch.ones(num_experts, dtype=torch.bool, device=ballots.device)
-    order = []
-    big = torch.iinfo(torch.int64).max
-    ids = torch.arange(num_experts, device=ballots.device)
-    chunk = max(1, (1 << 22) // max(num_experts, 1))  # widened to int64 a few MiB at a time
-    for _ in range(num_experts):
-        votes = torch.zeros(num_experts, dtype=torch.long, device=ballots.device)
-        for lo in range(0, ballots.shape[0], chunk):
-            b = ballots[lo : lo + chunk].long()
-            standing = alive[b]
-            votes_mask = standing & (standing.cumsum(dim=1) <= topk)
-            votes += torch.bincount(b[votes_mask], minlength=num_experts)
-        key = torch.where(alive, votes * num_experts + ids, torch.full_like(votes, big))
-        loser = int(torch.argmin(key))
-        order.append(loser)
-        alive[loser] = False
-    return torch.tensor(order, dtype=torch.int64)
+    return instant_runoff_order(ballots, num_experts, topk)
 
 
 def ranks_from_scores(scores: torch.Tensor) -> torch.Tensor:
