@@ -277,10 +277,12 @@ def removal_effect(f: torch.Tensor, g: torch.Tensor, y_without: torch.Tensor) ->
     ``mse = mean_h (y - y_without)²`` and ``cos_distance = 1 - cos(y, y_without)``.
     """
     f64, yw = f.to(torch.float64), y_without.to(torch.float64)
-    y = (g.to(torch.float64).unsqueeze(-1) * f64).sum(dim=1, keepdim=True)
-    mse = (y - yw).square().mean(dim=-1)
-    cos = torch.nn.functional.cosine_similarity(y.expand_as(yw), yw, dim=-1, eps=1e-30)
-    return mse, 1.0 - cos
+    y = torch.einsum("tk,tkh->th", g.to(torch.float64), f64).unsqueeze(1)  # [T, 1, h]
+    d = yw - y
+    mse = torch.einsum("tkh,tkh->tk", d, d) / d.shape[-1]
+    dot = torch.einsum("tkh,tkh->tk", yw, y.expand_as(yw))
+    norms = y.squeeze(1).norm(dim=-1, keepdim=True).clamp_min(1e-30) * yw.norm(dim=-1).clamp_min(1e-30)
+    return mse, 1.0 - dot / norms
 
 
 def instant_runoff(ballots: torch.Tensor, num_experts: int, topk: int) -> torch.Tensor:
