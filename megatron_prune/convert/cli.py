@@ -230,8 +230,7 @@ def run(args) -> int:
     pct = 100.0 * plan.bytes_after / max(plan.bytes_before, 1)
     print(f"wrote {dst}: {_human(plan.bytes_before)} -> {_human(plan.bytes_after)} ({pct:.1f}%) "
           f"in {time.time() - t0:.1f}s" + (", verified" if args.verify else ""))
-    print(f"model config written to {out_iter.relative_to(tmp) / 'model_config.json' if loc.root else 'model_config.json'}"
-          " (common.pt args updated where present)")
+    print(f"model config written to {dst / 'model_config.json'} (common.pt args updated where present)")
     print(f"optimizer and RNG state are not carried over ({len(plan.dropped)} entries dropped): "
           "load with --no-load-optim --no-load-rng (or --finetune)")
     return 0
