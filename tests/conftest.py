@@ -4,7 +4,12 @@ import os
 import shutil
 import tempfile
 
-import pytest
+# Distributed tests run 2 to 4 processes (and torchrun children) on a 2-core machine: one
+# intra-op thread each, or OpenMP spin-waiting multiplies the run time.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
 
 
 class _LazyPool:
