@@ -16,6 +16,7 @@ from megatron_prune.model_config import ModelConfig, ParallelLayout
 
 __all__ = [
     "initialize_parallel",
+    "destroy_parallel",
     "transformer_config",
     "build_gpt_model",
     "build_model_chunks",
@@ -43,15 +44,45 @@ class TorchNorm:
         return norm
 
 
-def initialize_parallel(layout: ParallelLayout, seed: int = 1234) -> None:
-    """(Re)initialise Megatron's parallel state for ``layout`` on the current world.
+# Process groups the last :func:`initialize_parallel` had Megatron create on this rank.
+_OWN_GROUPS: list = []
 
-    Collective over the default process group: every rank calls it with the same layout.
-    """
-    from megatron.core import parallel_state, tensor_parallel
+
+def _current_groups() -> list:
+    from torch.distributed import distributed_c10d as c10d
+
+    return list(c10d._world.pg_map)
+
+
+def destroy_parallel() -> None:
+    """Undo :func:`initialize_parallel`: forget Megatron's parallel state and destroy the groups
+    it created (``destroy_model_parallel`` alone leaves each gloo/NCCL group with its sockets
+    and threads alive, so re-initialising in a loop leaks them). Collective over the default
+    group. Groups created by anyone else are left alone."""
+    from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+    if _OWN_GROUPS:
+        torch.distributed.barrier()  # no peer is still inside a collective on these groups
+        for g in _OWN_GROUPS:
+            try:
+                torch.distributed.destroy_process_group(g)
+            except Exception:  # pragma: no cover - already destroyed by its owner
+                pass
+        _OWN_GROUPS.clear()
+
+
+def initialize_parallel(layout: ParallelLayout, seed: int = 1234) -> None:
+    """(Re)initialise Megatron's parallel state for ``layout`` on the current world.
+
+    Collective over the default process group: every rank calls it with the same layout. A
+    previous initialisation made here is undone first, its process groups destroyed.
+    """
+    from megatron.core import parallel_state, tensor_parallel
+
+    destroy_parallel()
+    before = set(map(id, _current_groups()))
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=layout.tp,
         pipeline_model_parallel_size=layout.pp,
@@ -59,6 +90,7 @@ def initialize_parallel(layout: ParallelLayout, seed: int = 1234) -> None:
         expert_model_parallel_size=layout.ep,
         expert_tensor_parallel_size=layout.etp,
     )
+    _OWN_GROUPS[:] = [g for g in _current_groups() if id(g) not in before]
     if torch.cuda.is_available():
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
     torch.manual_seed(seed)

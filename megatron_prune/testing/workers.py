@@ -88,10 +88,9 @@ def _release_groups() -> None:
     collective on a group about to go.
     """
     try:
-        from megatron.core import parallel_state
+        from megatron_prune.megatron.model import destroy_parallel
 
-        if parallel_state.model_parallel_is_initialized():
-            parallel_state.destroy_model_parallel()
+        destroy_parallel()
     except Exception:  # pragma: no cover
         pass
     from torch.distributed import distributed_c10d as c10d
