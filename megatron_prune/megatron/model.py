@@ -54,6 +54,19 @@ def _current_groups() -> list:
     return list(c10d._world.pg_map)
 
 
+def _destroy_groups(groups: list) -> None:
+    """Destroy ``groups`` on this rank. Collective over the default group when ``groups`` is
+    not empty: the barrier makes sure no peer is still inside a collective on them."""
+    if not groups:
+        return
+    torch.distributed.barrier()
+    for g in groups:
+        try:
+            torch.distributed.destroy_process_group(g)
+        except Exception:  # pragma: no cover - already destroyed by its owner
+            pass
+
+
 def destroy_parallel() -> None:
     """Undo :func:`initialize_parallel`: forget Megatron's parallel state and destroy the groups
     it created (``destroy_model_parallel`` alone leaves each gloo/NCCL group with its sockets
@@ -63,14 +76,8 @@ def destroy_parallel() -> None:
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
-    if _OWN_GROUPS:
-        torch.distributed.barrier()  # no peer is still inside a collective on these groups
-        for g in _OWN_GROUPS:
-            try:
-                torch.distributed.destroy_process_group(g)
-            except Exception:  # pragma: no cover - already destroyed by its owner
-                pass
-        _OWN_GROUPS.clear()
+    _destroy_groups(_OWN_GROUPS)
+    _OWN_GROUPS.clear()
 
 
 def initialize_parallel(layout: ParallelLayout, seed: int = 1234) -> None:
